@@ -91,7 +91,10 @@ class DataConfig:
         _require(0.0 <= self.p_missing < 1.0, "data.p_missing", self.p_missing, "a value in [0, 1)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive integer")
         _require(
-            self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive integer"
+            self.eval_batch_size > 0,
+            "data.eval_batch_size",
+            self.eval_batch_size,
+            "a positive integer",
         )
 
 
@@ -173,7 +176,10 @@ class ModelConfig:
             "a non-empty list of positive integers",
         )
         _require(
-            self.num_res_blocks > 0, "model.num_res_blocks", self.num_res_blocks, "a positive integer"
+            self.num_res_blocks > 0,
+            "model.num_res_blocks",
+            self.num_res_blocks,
+            "a positive integer",
         )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a value in [0, 1)")
         _require(self.num_groups > 0, "model.num_groups", self.num_groups, "a positive integer")
@@ -203,7 +209,10 @@ class DiffusionConfig:
         _require_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _require_choice("diffusion.sampler", self.sampler, SAMPLER_NAMES)
         _require(
-            self.sampling_steps > 0, "diffusion.sampling_steps", self.sampling_steps, "a positive integer"
+            self.sampling_steps > 0,
+            "diffusion.sampling_steps",
+            self.sampling_steps,
+            "a positive integer",
         )
         _require(self.temperature >= 0, "diffusion.temperature", self.temperature, "a number >= 0")
 
@@ -275,7 +284,12 @@ class TrainerConfig:
         _require(bool(self.output_dir), "trainer.output_dir", self.output_dir, "a non-empty path")
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
         if self.max_steps is not None:
-            _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "a positive integer or null")
+            _require(
+                self.max_steps > 0,
+                "trainer.max_steps",
+                self.max_steps,
+                "a positive integer or null",
+            )
         _require(self.lr > 0, "trainer.lr", self.lr, "a positive number")
         _require(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
         _require(
@@ -284,13 +298,20 @@ class TrainerConfig:
             self.betas,
             "two numbers in [0, 1)",
         )
-        _require(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(
+            self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "an integer >= 0"
+        )
         _require_choice("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.grad_clip is not None:
-            _require(self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a positive number or null")
+            _require(
+                self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a positive number or null"
+            )
         if self.ema_decay is not None:
             _require(
-                0 < self.ema_decay < 1, "trainer.ema_decay", self.ema_decay, "a value in (0, 1) or null"
+                0 < self.ema_decay < 1,
+                "trainer.ema_decay",
+                self.ema_decay,
+                "a value in (0, 1) or null",
             )
         _require_choice("trainer.precision", self.precision, PRECISIONS)
         _require_choice("trainer.device", self.device, DEVICES)
@@ -313,10 +334,15 @@ class TrainerConfig:
             self.sample_every_epochs,
             "a positive integer",
         )
-        _require(self.nll_samples > 0, "trainer.nll_samples", self.nll_samples, "a positive integer")
+        _require(
+            self.nll_samples > 0, "trainer.nll_samples", self.nll_samples, "a positive integer"
+        )
         _require_choice("trainer.on_nonfinite_loss", self.on_nonfinite_loss, NONFINITE_POLICIES)
         _require(
-            self.log_every_steps > 0, "trainer.log_every_steps", self.log_every_steps, "a positive integer"
+            self.log_every_steps > 0,
+            "trainer.log_every_steps",
+            self.log_every_steps,
+            "a positive integer",
         )
 
 
