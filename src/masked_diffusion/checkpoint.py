@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,18 +231,26 @@ def load_checkpoint(
             "or use load_model for a pretrained folder or run folder"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Plain pickle files trigger this protocol warning; they are rejected
+            # below unless they contain only tensors and containers.
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol", category=UserWarning
+            )
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only" in str(error):
+        detail = _unpickler_detail(error)
+        found = re.search(r"GLOBAL ([\w.]+)", detail)
+        if found:
             raise CheckpointError(
-                f"refusing to load {path}: it contains Python objects other than tensors and "
-                "plain containers, which could run code when unpickled. masked-diffusion "
-                "checkpoints never contain such objects, so the file was written by other "
-                f"software or tampered with ({_first_line(error)})"
+                f"refusing to load {path}: it references the Python object {found.group(1)}, "
+                "which could run code when unpickled. masked-diffusion checkpoints contain only "
+                "tensors and plain containers, so the file was written by other software or "
+                "tampered with"
             ) from error
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch file "
-            f"({_first_line(error)})"
+            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch "
+            f"checkpoint ({detail})"
         ) from error
     except OSError:
         raise
@@ -251,6 +261,18 @@ def load_checkpoint(
         ) from error
     _check_format(state, path)
     return state  # type: ignore[no-any-return]
+
+
+def _unpickler_detail(error: BaseException) -> str:
+    """Pick the informative line out of the long message of the weights-only unpickler."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return line
+    for index, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and index + 1 < len(lines):
+            return lines[index + 1]
+    return lines[0] if lines else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

@@ -1239,7 +1239,7 @@ class _Run:
             "rng": rng_states,
             "world_size": self.context.world_size,
             "config": self.config.to_dict(),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "masked_diffusion_version": __version__,
         }
 
