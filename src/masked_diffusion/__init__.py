@@ -8,6 +8,7 @@ Example:
 """
 
 from masked_diffusion._version import __version__
+from masked_diffusion.checkpoint import CheckpointError, load_model
 from masked_diffusion.config import (
     DataConfig,
     DiffusionConfig,
@@ -32,9 +33,11 @@ from masked_diffusion.diffusion import LikelihoodEstimate, MaskedDiffusionModel
 from masked_diffusion.network import MDMUNet
 from masked_diffusion.samplers import SamplingResult
 from masked_diffusion.schedule import MaskSchedule
+from masked_diffusion.trainer import NonFiniteLossError, Trainer, seed_everything
 
 __all__ = [
     "BinaryImageDataset",
+    "CheckpointError",
     "DataConfig",
     "DatasetNotFoundError",
     "DiffusionConfig",
@@ -44,9 +47,11 @@ __all__ = [
     "MaskSchedule",
     "MaskedDiffusionModel",
     "ModelConfig",
+    "NonFiniteLossError",
     "SamplingResult",
     "ScheduleConfig",
     "TensorBatchLoader",
+    "Trainer",
     "TrainerConfig",
     "__version__",
     "apply_overrides",
@@ -54,6 +59,8 @@ __all__ = [
     "load_config",
     "load_dataset",
     "load_dataset_from_config",
+    "load_model",
     "make_obs_mask",
     "save_config",
+    "seed_everything",
 ]
