@@ -189,8 +189,11 @@ def run_sampler(
     if temperature < 0:
         raise ValueError(f"invalid temperature={temperature}: expected a number >= 0")
 
-    denoiser = _CachedDenoiser(logits_fn, uses_time, mask_index)
     trajectory: list[Tensor] | None = [xt.cpu().clone()] if return_trajectory else None
+    if xt.shape[0] == 0:
+        # Nothing to decode; reshape(0, -1) in the samplers would fail on an empty batch.
+        return SamplingResult(xt.clone(), 0, 0, trajectory)
+    denoiser = _CachedDenoiser(logits_fn, uses_time, mask_index)
     t_start = t_start.to(device=xt.device, dtype=torch.float64)
     state = xt.clone()
     if sampler == "ancestral":
