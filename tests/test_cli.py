@@ -190,8 +190,8 @@ def test_unknown_config_key_subprocess(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("trainer: {epoch: 3}\n", encoding="utf-8")
     result = run_cli("train", "--config", "bad.yaml", cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown config key trainer.'epoch'" in result.stderr
-    assert "did you mean trainer.'epochs'" in result.stderr
+    assert "unknown config key 'trainer.epoch'" in result.stderr
+    assert "did you mean 'trainer.epochs'" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
 

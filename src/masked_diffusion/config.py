@@ -404,9 +404,10 @@ def _build(cls: type[ConfigT], data: Mapping[str, Any], prefix: str) -> ConfigT:
     for key, raw in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ValueError(
-                f"unknown config key {prefix}{key!r}{hint} Valid keys: {sorted(fields)}"
+                f"unknown config key {prefix + str(key)!r}{hint} "
+                f"Valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}"
             )
         kwargs[key] = _convert(hints[key], raw, f"{prefix}{key}")
     return cls(**kwargs)
