@@ -418,8 +418,11 @@ class MaskedDiffusionModel(nn.Module):
 
         Continuous time: ``integral_0^1 w(t) E_q[sum_{masked j} -log p(x0_j | xt)] dt``.
         Discrete time with ``T`` steps: ``sum_i (alpha_s - alpha_t) / (1 - alpha_t)
-        E_q[sum_{masked j} -log p(x0_j | xt)]`` with ``s = (i-1)/T``, ``t = i/T``; it is
-        never below the continuous bound.
+        E_q[sum_{masked j} -log p(x0_j | xt)]`` with ``s = (i-1)/T``, ``t = i/T``. For one
+        image it can be below the continuous bound (with ``T = 1`` and the exact
+        conditionals it is ``sum_j -log p(x_j)``, below ``-log p(x)`` for an image whose
+        pixels are jointly rarer than independent pixels would be); with the exact
+        conditionals its mean over the data is at least the entropy.
 
         Two unbiased Monte Carlo estimators of the same bound:
 
