@@ -173,6 +173,16 @@ def test_discrete_bound_above_entropy(toy: ToyDistribution, steps: int) -> None:
     assert float((toy.probs * bounds).sum()) > entropy + 0.01
 
 
+def test_discrete_bound_below_for_some_image(toy: ToyDistribution) -> None:
+    # With T = 1 the bound is sum_j -log p(x_j), below -log p(x) where the pixels of
+    # x are jointly rarer than independent pixels would be.
+    oracle = Oracle(toy)
+    schedule = MaskSchedule("linear", num_timesteps=1)
+    bounds = torch.tensor([exact_bound(oracle, image, schedule=schedule) for image in toy.images])
+    assert bool((bounds < -toy.probs.log() - 0.1).any())
+    assert bool((bounds > -toy.probs.log() + 0.1).any())
+
+
 def test_discrete_bound_decreases_with_refinement(toy: ToyDistribution) -> None:
     # The grid of T = 2 contains that of T = 1, and T = 4 that of T = 2.
     oracle = Oracle(toy)
