@@ -848,8 +848,8 @@ class _Run:
                 finished_epoch = self._train_epoch()
                 if finished_epoch:
                     self._end_epoch()
-                elif self._max_steps_reached():
-                    self._save_last()
+                elif self._last_saved_step != progress.global_step:
+                    self._save_last()  # stopped by max_steps inside the epoch
         finally:
             if self.is_main:
                 self._write_loss_curve()
@@ -911,9 +911,9 @@ class _Run:
         mask_arg = obs_mask if self._ambient_training else None
         with self._autocast():
             loss = self.loss_module(x0, mask_arg, generator=self.generator)
-        loss_value = loss.detach().float()
-        if not self._all_finite(loss_value):
-            self._handle_nonfinite("loss", float(loss_value.item()), loss)
+        all_finite, mean_loss = self._global_loss(loss)
+        if not all_finite:
+            self._handle_nonfinite("loss", mean_loss, loss)
             return
         self.grad_scaler.scale(loss).backward()
         if self.tc.grad_clip is not None:
@@ -929,10 +929,9 @@ class _Run:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         progress.global_step += 1
-        value = float(loss_value.item())
-        progress.epoch_loss_sum += value
+        progress.epoch_loss_sum += mean_loss
         progress.epoch_loss_count += 1
-        progress.log_loss_sum += value
+        progress.log_loss_sum += mean_loss
         progress.log_loss_count += 1
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -941,12 +940,20 @@ class _Run:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        """Agree across processes whether every rank's loss is finite."""
-        flag = torch.isfinite(value).to(torch.float32).reshape(1)
+    def _global_loss(self, loss: torch.Tensor) -> tuple[bool, float]:
+        """Return whether every process's loss is finite, and their mean.
+
+        One collective carries both, so that all processes skip or step together
+        and the running sums in :class:`_Progress` are the same on every rank
+        (only rank 0's copy is checkpointed).
+        """
+        value = loss.detach().float().reshape(1)
+        packed = torch.cat([torch.isfinite(value).float(), value])
         if self.context.enabled:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        finite_count, loss_sum = packed.tolist()
+        world_size = self.context.world_size
+        return finite_count == world_size, loss_sum / world_size
 
     def _handle_nonfinite(self, what: str, value: float, loss: torch.Tensor | None) -> None:
         progress = self.progress
@@ -978,13 +985,11 @@ class _Run:
 
     def _log_train(self) -> dict[str, Any]:
         progress = self.progress
-        mean_loss = progress.log_loss_sum / progress.log_loss_count
-        values = distributed.all_reduce_mean({"train_loss": mean_loss}, self.context, self.device)
         record = {
             "kind": "train",
             "step": progress.global_step,
             "epoch": progress.epoch + 1,
-            "train_loss": values["train_loss"],
+            "train_loss": progress.log_loss_sum / progress.log_loss_count,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "skipped_batches": progress.skipped_batches,
             "time": time.time(),
@@ -999,14 +1004,11 @@ class _Run:
     def _end_epoch(self) -> None:
         progress = self.progress
         epoch_number = progress.epoch + 1
-        epoch_mean_loss = (
+        train_loss = (
             progress.epoch_loss_sum / progress.epoch_loss_count
             if progress.epoch_loss_count
             else float("nan")
         )
-        train_loss = distributed.all_reduce_mean(
-            {"train_loss": epoch_mean_loss}, self.context, self.device
-        )["train_loss"]
         eval_model = self._eval_model()
         metrics: dict[str, float] = {"train_loss": train_loss}
         metrics.update(self._validate(eval_model))
