@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,15 @@ from masked_diffusion.checkpoint import (
 from masked_diffusion.config import DiffusionConfig, ExperimentConfig, ModelConfig
 from masked_diffusion.diffusion import MaskedDiffusionModel
 from masked_diffusion.network import MDMUNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run on one CPU thread, which is faster on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _tiny_config() -> ExperimentConfig:
@@ -116,6 +129,40 @@ def test_checkpoint_interrupted_save_keeps_previous(tmp_path: Path) -> None:
         save_checkpoint(path, broken)
 
     assert path.read_bytes() == before
+    assert torch.equal(load_checkpoint(path)["weight"], torch.arange(4.0))
+    assert _leftovers(tmp_path) == []
+
+
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+import torch
+from masked_diffusion.checkpoint import save_checkpoint
+
+path = sys.argv[1]
+save_checkpoint(path, {"weight": torch.arange(4.0)})
+# Writes past 256 KiB now fail with EFBIG, as on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+try:
+    save_checkpoint(path, {"weight": torch.zeros(1_000_000)})
+except OSError as error:
+    print("OSError", error.errno, error.strerror)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX file-size limits")
+def test_checkpoint_full_disk_keeps_previous(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    completed = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert completed.stdout.startswith(f"OSError {errno.EFBIG} cannot write checkpoint"), (
+        completed.stderr
+    )
     assert torch.equal(load_checkpoint(path)["weight"], torch.arange(4.0))
     assert _leftovers(tmp_path) == []
 

@@ -235,6 +235,19 @@ def test_resume_metrics_match_straight_run(
         assert resumed == expected, kind
 
 
+def test_validation_leaves_training_unchanged(
+    tmp_path: Path, images: torch.Tensor, straight: StraightRun
+) -> None:
+    # The straight run validates and draws samples every epoch; this one does neither.
+    config = _config(tmp_path / "run")
+    torch.manual_seed(0)
+    model = MaskedDiffusionModel.from_config(config)
+    Trainer(model, config, train_data=_datasets(images)[0]).fit()
+
+    for name, tensor in straight.state_dict.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
 def test_resume_finished_run_returns(tmp_path: Path, images: torch.Tensor) -> None:
     config = _config(tmp_path / "run", epochs=1)
     first = _trainer(config, images).fit()

@@ -179,7 +179,19 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], *, overwrite: bo
         )
     with _temporary_sibling(path) as tmp_path:
         with tmp_path.open("wb") as handle:
-            torch.save(payload, handle)
+            try:
+                torch.save(payload, handle)
+            except RuntimeError as error:
+                # torch.save reports a failed write (full disk, quota) as a
+                # RuntimeError raised while handling the OSError.
+                cause = error.__context__
+                if isinstance(cause, OSError):
+                    raise OSError(
+                        cause.errno,
+                        f"cannot write checkpoint {path}: {cause.strerror}; any previous "
+                        "file at that path is unchanged",
+                    ) from error
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         _publish(tmp_path, path, overwrite=overwrite)
