@@ -110,7 +110,7 @@ def test_checkpoint_no_overwrite_keeps_existing(tmp_path: Path) -> None:
     path = tmp_path / "epoch_001.pt"
     save_checkpoint(path, {"x": 1})
 
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="already exists and overwrite=False"):
         save_checkpoint(path, {"x": 2}, overwrite=False)
 
     assert load_checkpoint(path)["x"] == 1
@@ -337,7 +337,7 @@ def test_pretrained_round_trip_same_weights(tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_pretrained_folder_holds_weights_only(tmp_path: Path) -> None:
+def test_pretrained_folder_contains_weights_only(tmp_path: Path) -> None:
     save_pretrained(_tiny_model(), tmp_path / "model")
 
     state = load_checkpoint(tmp_path / "model" / "model.pt")

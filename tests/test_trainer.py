@@ -407,13 +407,13 @@ def test_metrics_jsonl_records(straight: StraightRun) -> None:
     assert {"train_loss", "val_loss", "val_nll", "val_bits_per_dim", "lr"} <= set(epochs[-1])
 
 
-def test_fresh_run_refuses_existing_folder(tmp_path: Path, images: torch.Tensor) -> None:
+def test_fresh_run_rejects_existing_folder(tmp_path: Path, images: torch.Tensor) -> None:
     run_dir = tmp_path / "run"
     config = _config(run_dir, epochs=1)
     _trainer(config, images).fit()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
-    with pytest.raises(FileExistsError, match=r"already holds a training run.*--resume"):
+    with pytest.raises(FileExistsError, match=r"already contains a training run.*--resume"):
         _trainer(config, images).fit()
 
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -460,7 +460,7 @@ def test_resume_pretrained_file_rejected(tmp_path: Path, images: torch.Tensor) -
     trainer = _trainer(_config(tmp_path / "run"), images)
     save_pretrained(trainer.model, tmp_path / "pretrained")
 
-    with pytest.raises(CheckpointError, match="holds weights only"):
+    with pytest.raises(CheckpointError, match="contains weights only"):
         trainer.fit(resume_from=tmp_path / "pretrained" / "model.pt")
 
 

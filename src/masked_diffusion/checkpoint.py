@@ -103,6 +103,10 @@ def _temporary_sibling(path: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _exists_message(path: Path) -> str:
+    return f"{path} already exists and overwrite=False; move it away or write elsewhere"
+
+
 def _publish(tmp_path: Path, path: Path, *, overwrite: bool) -> None:
     """Move a finished temporary file to ``path`` atomically, then sync the folder.
 
@@ -117,15 +121,11 @@ def _publish(tmp_path: Path, path: Path, *, overwrite: bool) -> None:
         try:
             os.link(tmp_path, path)
         except FileExistsError:
-            raise FileExistsError(
-                f"refusing to overwrite existing file {path}; move it away or write elsewhere"
-            ) from None
+            raise FileExistsError(_exists_message(path)) from None
         except OSError:
             # File systems without hard links: check, then rename (not race-free).
             if path.exists():
-                raise FileExistsError(
-                    f"refusing to overwrite existing file {path}; move it away or write elsewhere"
-                ) from None
+                raise FileExistsError(_exists_message(path)) from None
             os.replace(tmp_path, path)
     _fsync_directory(path.parent)
 
@@ -174,9 +174,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], *, overwrite: bo
         **state,
     }
     if not overwrite and path.exists():
-        raise FileExistsError(
-            f"refusing to overwrite existing file {path}; move it away or write elsewhere"
-        )
+        raise FileExistsError(_exists_message(path))
     with _temporary_sibling(path) as tmp_path:
         with tmp_path.open("wb") as handle:
             try:

@@ -1,7 +1,7 @@
 """Multi-process data-parallel training helpers on top of ``torch.distributed``.
 
 A run launched with ``torchrun --nproc_per_node=N -m masked_diffusion train ...``
-starts ``N`` processes whose environment holds ``RANK``, ``WORLD_SIZE``,
+starts ``N`` processes whose environment contains ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed`
 reads them and joins the process group (NCCL on CUDA, Gloo otherwise); a plain
 ``python`` launch gives a single-process context and touches nothing.

@@ -67,7 +67,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Files and folders of a run folder that a fresh run refuses to write over.
+# A fresh run raises FileExistsError if its folder contains any of these.
 RUN_ARTIFACTS = (
     "config.yaml",
     "metrics.jsonl",
@@ -284,7 +284,7 @@ def _restore_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> 
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             logger.warning(
-                "checkpoint holds CUDA RNG states of %d devices but %d are visible; "
+                "checkpoint contains CUDA RNG states of %d devices but %d are visible, so "
                 "the global CUDA RNG is not restored",
                 len(cuda_states),
                 torch.cuda.device_count(),
@@ -335,19 +335,19 @@ class _MetricsLog:
         """Drop records of steps after ``global_step``, which a resumed run repeats."""
         if not self.enabled:
             return
-        kept = [r for r in self.records if int(r.get("step", 0)) <= global_step]
-        if len(kept) != len(self.records):
+        kept_records = [r for r in self.records if int(r.get("step", 0)) <= global_step]
+        if len(kept_records) != len(self.records):
             logger.info(
                 "removing %d records after step %d from %s; the resumed run writes them again",
-                len(self.records) - len(kept),
+                len(self.records) - len(kept_records),
                 global_step,
                 self.path,
             )
-            text = "".join(json.dumps(r) + "\n" for r in kept)
+            text = "".join(json.dumps(r) + "\n" for r in kept_records)
             tmp_path = self.path.with_name(f".{self.path.name}.tmp")
             tmp_path.write_text(text, encoding="utf-8")
             os.replace(tmp_path, self.path)
-            self.records = kept
+            self.records = kept_records
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -399,7 +399,7 @@ class Trainer:
         config: Experiment settings; ``config.trainer`` drives the loop and
             ``config.data`` the batch sizes.
         train_data: Training images and observation masks. Required by :meth:`fit`.
-        val_data: Validation images as the model sees them (with their observation
+        val_data: Validation images as the model receives them (with their observation
             masks in runs with missing pixels), or ``None`` to skip validation (then
             no ``best.pt`` is written). Default: ``None``.
         clean_val_data: The same validation images fully observed, for the clean
@@ -435,6 +435,7 @@ class Trainer:
             )
         self.config = config
         self.model = model
+
         self.context = distributed.env_context()
         self.device = resolve_device(
             device if device is not None else config.trainer.device, self.context.local_rank
@@ -444,6 +445,7 @@ class Trainer:
                 f"trainer.precision='fp16' needs a CUDA device for gradient scaling, but "
                 f"training runs on {self.device}; use trainer.precision=bf16 or fp32"
             )
+
         for name, dataset in (
             ("train_data", train_data),
             ("val_data", val_data),
@@ -459,6 +461,7 @@ class Trainer:
                 f"clean_val_data has {len(clean_val_data)} images but val_data has "
                 f"{len(val_data)}; pass the same images, fully observed"
             )
+
         self.train_data = train_data
         self.val_data = val_data
         self.clean_val_data = clean_val_data
@@ -536,7 +539,7 @@ class Trainer:
             resume_from: A checkpoint file, or a run folder whose
                 ``checkpoints/last.pt`` is used, to continue training exactly where it
                 stopped. ``None`` starts a fresh run, which requires that
-                ``trainer.output_dir`` holds no earlier run. Default: ``None``.
+                ``trainer.output_dir`` contains no earlier run. Default: ``None``.
 
         Returns:
             Final metrics: ``epoch``, ``global_step``, ``skipped_batches``, the last
@@ -550,6 +553,11 @@ class Trainer:
             FileExistsError: If a fresh run would write into an earlier run's folder.
             CheckpointError: If ``resume_from`` is not a readable checkpoint.
             NonFiniteLossError: On a NaN or infinite loss with ``on_nonfinite_loss="raise"``.
+
+        NOTE: under ``torchrun`` each call creates and destroys the process group.
+        Re-creating it for a second ``fit`` in the same job hung once in testing
+        (PyTorch 2.14, Gloo). To run several fits in one job, call
+        ``torch.distributed.init_process_group`` first, and the trainer uses that group.
         """
         if self.train_data is None:
             raise ValueError(
@@ -605,7 +613,7 @@ class Trainer:
         existing = [name for name in RUN_ARTIFACTS if (self.run_dir / name).exists()]
         if existing:
             raise FileExistsError(
-                f"trainer.output_dir={str(self.run_dir)!r} already holds a training run "
+                f"trainer.output_dir={str(self.run_dir)!r} already contains a training run "
                 f"({', '.join(existing)}); resume it with resume_from={str(self.run_dir)!r} "
                 "(CLI: --resume), or choose another trainer.output_dir. Nothing was written."
             )
@@ -718,8 +726,9 @@ class _Run:
         state = load_checkpoint(path, map_location="cpu")
         if state.get("kind") != "training":
             raise CheckpointError(
-                f"cannot resume from {path}: it holds weights only (kind={state.get('kind')!r}), "
-                "not a training state; pass checkpoints/last.pt of a run"
+                f"cannot resume from {path}: it contains weights only "
+                f"(kind={state.get('kind')!r}), not a training state; pass "
+                "checkpoints/last.pt of a run"
             )
         self._check_compatible(state, path)
         self.model.load_state_dict(state["model"])
@@ -748,6 +757,7 @@ class _Run:
                 len(rng_states),
                 self.context.world_size,
             )
+            # A new stream per rank and resume point (7919 is an arbitrary prime).
             self.generator.manual_seed(
                 self.tc.seed + self.context.rank + 7919 * self.progress.global_step
             )
@@ -955,7 +965,7 @@ class _Run:
         world_size = self.context.world_size
         return finite_count == world_size, loss_sum / world_size
 
-    def _handle_nonfinite(self, what: str, value: float, loss: torch.Tensor | None) -> None:
+    def _handle_nonfinite(self, quantity: str, value: float, loss: torch.Tensor | None) -> None:
         progress = self.progress
         where = (
             f"global step {progress.global_step + 1} (epoch {progress.epoch + 1}, batch "
@@ -963,7 +973,7 @@ class _Run:
         )
         if self.tc.on_nonfinite_loss == "raise":
             raise NonFiniteLossError(
-                f"non-finite training {what} {value} at {where}; the weights were not "
+                f"non-finite training {quantity} {value} at {where}; the weights were not "
                 "updated. Lower trainer.lr, keep trainer.grad_clip set, use "
                 "trainer.precision=fp32, or set trainer.on_nonfinite_loss=skip to skip such "
                 "batches. Resume from checkpoints/last.pt."
@@ -978,7 +988,7 @@ class _Run:
             logger.warning(
                 "skipped batch at %s: non-finite %s %s (%d skipped so far)",
                 where,
-                what,
+                quantity,
                 value,
                 progress.skipped_batches,
             )
