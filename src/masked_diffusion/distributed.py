@@ -139,7 +139,7 @@ def init_distributed(device: torch.device, *, timeout_s: float = 1800.0) -> Dist
         world_size=context.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
-    logger.info(
+    logger.debug(
         "joined process group: rank %d of %d, backend %s", context.rank, context.world_size, backend
     )
     return dataclasses.replace(context, owns_process_group=True)

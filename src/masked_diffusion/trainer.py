@@ -686,6 +686,11 @@ class _Run:
 
         self.metrics_log = _MetricsLog(self.run_dir, enabled=self.is_main)
 
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """Log on rank 0 only; the other processes would repeat the same lines."""
+        if self.is_main:
+            logger.log(level, message, *args)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on weight matrices and kernels only, not on biases and norms.
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -709,7 +714,8 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _atomic_save_config(self.config, self.run_dir / "config.yaml")
         distributed.barrier(self.context)
-        logger.info(
+        self._log(
+            logging.INFO,
             "starting training in %s on %s: %s parameters, %d training images, %d validation "
             "images, %d steps per epoch, %d epochs, %d process(es)",
             self.run_dir,
@@ -736,8 +742,10 @@ class _Run:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             else:
-                logger.warning(
-                    "%s has no EMA weights; the EMA starts from the current weights", path
+                self._log(
+                    logging.WARNING,
+                    "%s has no EMA weights; the EMA starts from the current weights",
+                    path,
                 )
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -751,7 +759,8 @@ class _Run:
         if len(rng_states) == self.context.world_size:
             _restore_rng_state(rng_states[self.context.rank], self.generator)
         else:
-            logger.warning(
+            self._log(
+                logging.WARNING,
                 "checkpoint was written by %d processes, this run has %d: random streams "
                 "restart from trainer.seed, so the run continues but not bit-exactly",
                 len(rng_states),
@@ -778,7 +787,8 @@ class _Run:
                 }
             )
         distributed.barrier(self.context)
-        logger.info(
+        self._log(
+            logging.INFO,
             "resumed from %s at epoch %d, batch %d of %d, global step %d",
             path,
             self.progress.epoch + 1,
@@ -797,7 +807,8 @@ class _Run:
             )
         for section in ("schedule", "diffusion", "data"):
             if saved.get(section) != current[section]:
-                logger.warning(
+                self._log(
+                    logging.WARNING,
                     "resuming from %s with changed %s settings: %s -> %s",
                     path,
                     section,
@@ -849,7 +860,9 @@ class _Run:
     def train(self) -> dict[str, float]:
         progress = self.progress
         if progress.epoch >= self.tc.epochs:
-            logger.info("training already finished (%d epochs); nothing to do", progress.epoch)
+            self._log(
+                logging.INFO, "training already finished (%d epochs); nothing to do", progress.epoch
+            )
             return self._final_metrics()
         try:
             while progress.epoch < self.tc.epochs:
@@ -864,7 +877,8 @@ class _Run:
             if self.is_main:
                 self._write_loss_curve()
         if self._max_steps_reached() and progress.epoch < self.tc.epochs:
-            logger.info(
+            self._log(
+                logging.INFO,
                 "stopped at trainer.max_steps=%d (epoch %d, batch %d of %d)",
                 self.tc.max_steps,
                 progress.epoch + 1,
@@ -985,7 +999,8 @@ class _Run:
         progress.skipped_batches += 1
         self._skip_warnings += 1
         if self._skip_warnings <= _SKIP_LOG_LIMIT or progress.skipped_batches % 100 == 0:
-            logger.warning(
+            self._log(
+                logging.WARNING,
                 "skipped batch at %s: non-finite %s %s (%d skipped so far)",
                 where,
                 quantity,
@@ -1056,7 +1071,8 @@ class _Run:
             "time": time.time(),
         }
         self.metrics_log.write(record)
-        logger.info(
+        self._log(
+            logging.INFO,
             "epoch %d/%d (step %d): %s",
             epoch_number,
             self.tc.epochs,
