@@ -442,7 +442,9 @@ def _run_train(args: argparse.Namespace) -> int:
     result = trainer.fit(resume_from=args.resume)
 
     summary = {"output_dir": config.trainer.output_dir, **dict(result)}
-    print(json.dumps(_json_ready(summary), sort_keys=True))
+    # Under torchrun every process runs this; only rank 0 prints the summary.
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(_json_ready(summary), sort_keys=True))
     return 0
 
 
