@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 
 import strategies  # noqa: F401  (registers the Hypothesis profiles)
 from masked_diffusion.data import BinaryImageDataset, load_dataset
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The tests use small tensors, for which a second intra-op thread costs more in
+# synchronisation than it saves, and pytest-xdist already runs one worker per core.
+torch.set_num_threads(int(os.environ.get("MASKED_DIFFUSION_TEST_THREADS", "1")))
 
 # IDX headers: big-endian uint32 magic number (0x0000, type 0x08 = uint8, number of
 # dimensions), then one big-endian uint32 per dimension.
