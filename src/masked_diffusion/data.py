@@ -293,7 +293,7 @@ class BinaryImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         name: str = "custom",
         split: str = "train",
     ) -> None:
-        _validate_images(images, num_classes)
+        _validate_images(images, num_classes, check_values=False)
         if not isinstance(obs_mask, torch.Tensor) or obs_mask.dtype != torch.bool:
             found = obs_mask.dtype if isinstance(obs_mask, torch.Tensor) else type(obs_mask)
             raise TypeError(f"obs_mask must be a torch.bool tensor, got {found}")
@@ -302,6 +302,8 @@ class BinaryImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 f"obs_mask has shape {tuple(obs_mask.shape)}, expected the images shape "
                 f"{tuple(images.shape)}"
             )
+        # Values at missing pixels are never used, so corrupted data may hold anything there.
+        _validate_values(images[obs_mask.to(images.device)], num_classes)
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
                 found = labels.dtype if isinstance(labels, torch.Tensor) else type(labels)
@@ -446,7 +448,7 @@ class BinaryImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         )
 
 
-def _validate_images(images: torch.Tensor, num_classes: int) -> None:
+def _validate_images(images: torch.Tensor, num_classes: int, *, check_values: bool = True) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"invalid num_classes={num_classes!r}: expected an integer >= 2")
     if not isinstance(images, torch.Tensor):
@@ -459,7 +461,14 @@ def _validate_images(images: torch.Tensor, num_classes: int) -> None:
         raise ValueError(
             f"images has shape {tuple(images.shape)}: expected at least one non-empty image"
         )
-    low, high = int(images.min().item()), int(images.max().item())
+    if check_values:
+        _validate_values(images, num_classes)
+
+
+def _validate_values(values: torch.Tensor, num_classes: int) -> None:
+    if values.numel() == 0:
+        return
+    low, high = int(values.min().item()), int(values.max().item())
     if low < 0 or high >= num_classes:
         raise ValueError(
             f"images has values in [{low}, {high}], expected values in "
