@@ -646,6 +646,12 @@ def load_dataset_from_config(config: DataConfig, split: str = "train") -> Binary
 
     Raises:
         ValueError, DatasetNotFoundError: As :func:`load_dataset`.
+
+    Example:
+        >>> from masked_diffusion import DataConfig
+        >>> heldout = load_dataset_from_config(DataConfig(p_missing=0.25), "heldout")
+        >>> len(heldout), heldout.obs_mask.dtype
+        (500, torch.bool)
     """
     return load_dataset(
         config.dataset,

@@ -60,6 +60,17 @@ class SamplingResult:
             below ``batch * num_function_evals`` when cached outputs were reused.
         trajectory: States after each step, on the CPU, first entry the start
             state; ``None`` unless requested.
+
+    Example:
+        >>> import torch
+        >>> from masked_diffusion import MaskedDiffusionModel, MDMUNet, ModelConfig
+        >>> net = MDMUNet(ModelConfig(base_channels=8, channel_mults=(1, 2), num_groups=4))
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> result = MaskedDiffusionModel(net).sample(
+        ...     2, steps=10, return_info=True, generator=generator
+        ... )
+        >>> result.samples.shape, result.num_function_evals
+        (torch.Size([2, 1, 28, 28]), 10)
     """
 
     samples: Tensor
