@@ -684,9 +684,9 @@ class MaskedDiffusionModel(nn.Module):
                 missing pixels are ignored.
             obs_mask: ``torch.bool`` like ``x0``, ``True`` where observed.
             num_completions: Completions per image ``S``. Default: ``1``.
-            sampler, steps, temperature, generator, pixels_per_event,
-                confidence_schedule: As in :meth:`sample`; ``temperature=0`` gives
-                the MAP-style (argmax) completion.
+            sampler, steps, temperature, generator, pixels_per_event, confidence_schedule: As
+                in :meth:`sample`; ``temperature=0`` gives the MAP-style (argmax)
+                completion.
 
         Returns:
             ``torch.long`` completions ``(batch, S, C, height, width)``.
