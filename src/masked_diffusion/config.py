@@ -243,6 +243,10 @@ class TrainerConfig:
             Default: ``0``.
         deterministic: Ask PyTorch for deterministic algorithms. Default: ``False``.
         compile: Compile the network with ``torch.compile``. Default: ``False``.
+        channels_last: Store the network's convolution weights, and so its
+            activations, in the channels-last (NHWC) memory format. Outputs match
+            the NCHW layout up to float rounding; ``benchmarks/run.py`` measures
+            which layout is faster on a machine. Default: ``False``.
         checkpoint_every_steps: Also write ``last`` every this many steps, so a
             killed run loses at most that many; ``None`` writes only per epoch.
             Default: ``None``.
@@ -272,6 +276,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False
+    channels_last: bool = False
     checkpoint_every_steps: int | None = None
     num_sample_images: int = 64
     sample_every_epochs: int = 1

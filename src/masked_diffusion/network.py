@@ -178,7 +178,11 @@ class MDMUNet(nn.Module):
         batch, channels, height, width = xt.shape
         one_hot = F.one_hot(xt, self.num_classes + 1)  # (B, C, H, W, K+1)
         h = one_hot.permute(0, 1, 4, 2, 3).reshape(batch, -1, height, width)
-        h = h.to(self.conv_in.weight.dtype)
+        # The permuted one-hot has channels-last strides. Give the convolutions the
+        # layout of their weights instead, so that oneDNN and cuDNN do not reorder the
+        # weights on every call: channels-last after
+        # ``net.to(memory_format=torch.channels_last)``, else contiguous NCHW.
+        h = h.to(self.conv_in.weight.dtype).contiguous(memory_format=self._memory_format())
 
         time_emb = None
         if self.time_mlp is not None:
@@ -208,6 +212,13 @@ class MDMUNet(nn.Module):
         if channels == 1:
             return logits
         return logits.view(batch, self.num_classes, channels, height, width)
+
+    def _memory_format(self) -> torch.memory_format:
+        """Return ``torch.channels_last`` if the weights have that layout, else contiguous."""
+        weight = self.conv_in.weight
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            return torch.channels_last
+        return torch.contiguous_format
 
 
 def _check_shape(config: ModelConfig) -> None:

@@ -645,6 +645,9 @@ class _Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * self.tc.epochs
 
+        if self.tc.channels_last:
+            # Before the EMA copy is made, so that it has the same layout.
+            self.model.network.to(memory_format=torch.channels_last)
         self.ema: AveragedModel | None = None
         if self.tc.ema_decay is not None:
             self.ema = AveragedModel(
