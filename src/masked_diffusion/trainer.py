@@ -380,6 +380,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# Pixels per image pixel in the per-epoch pictures: 28x28 digits at 1:1 are too small to read.
+_PICTURE_SCALE = 3
+
+
 def _epoch_name(epoch_number: int) -> str:
     return f"epoch_{epoch_number:03d}"
 
@@ -1197,7 +1201,10 @@ class _Run:
                     self.tc.num_sample_images, generator=generator, device=self.device
                 )
                 save_image_grid(
-                    samples.cpu(), sample_path, num_classes=self.config.model.num_classes
+                    samples.cpu(),
+                    sample_path,
+                    num_classes=self.config.model.num_classes,
+                    scale=_PICTURE_SCALE,
                 )
                 logger.info("wrote %s", sample_path)
 
@@ -1229,6 +1236,7 @@ class _Run:
                 obs_masks=masks,
                 labels=labels,
                 num_classes=self.config.model.num_classes,
+                scale=_PICTURE_SCALE,
             )
             logger.info("wrote %s", completion_path)
 
