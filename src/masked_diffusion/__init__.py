@@ -30,6 +30,7 @@ from masked_diffusion.data import (
     make_obs_mask,
 )
 from masked_diffusion.diffusion import LikelihoodEstimate, MaskedDiffusionModel
+from masked_diffusion.metrics import SampleQuality, sample_quality
 from masked_diffusion.network import MDMUNet
 from masked_diffusion.samplers import SamplingResult
 from masked_diffusion.schedule import MaskSchedule
@@ -48,6 +49,7 @@ __all__ = [
     "MaskedDiffusionModel",
     "ModelConfig",
     "NonFiniteLossError",
+    "SampleQuality",
     "SamplingResult",
     "ScheduleConfig",
     "TensorBatchLoader",
@@ -61,6 +63,7 @@ __all__ = [
     "load_dataset_from_config",
     "load_model",
     "make_obs_mask",
+    "sample_quality",
     "save_config",
     "seed_everything",
 ]
