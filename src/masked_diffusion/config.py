@@ -74,6 +74,15 @@ class DataConfig:
         mask_seed: Seed of the fixed per-image observation masks. Default: ``0``.
         batch_size: Training batch size (global, across all processes). Default: ``128``.
         eval_batch_size: Batch size for validation and likelihood. Default: ``500``.
+
+    Example:
+        >>> from masked_diffusion import DataConfig
+        >>> DataConfig(p_missing=0.5).p_missing
+        0.5
+        >>> DataConfig(p_missing=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: invalid data.p_missing=1.0: expected a value in [0, 1)
     """
 
     dataset: str = "mnist-sample"
@@ -108,6 +117,11 @@ class ScheduleConfig:
         num_timesteps: Number of steps ``T`` of a discrete schedule on the grid
             ``t_i = i / T``; ``None`` for continuous time. Default: ``None``.
         exponent: Exponent ``w`` of the polynomial schedule. Default: ``1.0``.
+
+    Example:
+        >>> from masked_diffusion import ScheduleConfig
+        >>> ScheduleConfig(kind="cosine", num_timesteps=1000)
+        ScheduleConfig(kind='cosine', num_timesteps=1000, exponent=1.0)
     """
 
     kind: str = "linear"
@@ -145,6 +159,11 @@ class ModelConfig:
         time_conditioning: Feed ``t`` to the network through a sinusoidal
             embedding; ``False`` gives a network that ignores ``t``, whose outputs
             samplers reuse across steps in which no pixel changed. Default: ``True``.
+
+    Example:
+        >>> from masked_diffusion import ModelConfig
+        >>> ModelConfig(base_channels=64, channel_mults=(1, 2)).image_size
+        (28, 28)
     """
 
     num_classes: int = 2
@@ -198,6 +217,11 @@ class DiffusionConfig:
         sampling_steps: Default number of sampler steps. Default: ``100``.
         temperature: Default sampling temperature; ``0`` takes the most likely
             value. Default: ``1.0``.
+
+    Example:
+        >>> from masked_diffusion import DiffusionConfig
+        >>> DiffusionConfig(loss_weighting="elbo", sampler="first_hitting").sampler
+        'first_hitting'
     """
 
     loss_weighting: str = "mlm"
@@ -259,6 +283,11 @@ class TrainerConfig:
         progress_bar: Show tqdm progress bars. Default: ``True``.
         log_every_steps: Write a training line to ``metrics.jsonl`` every this many
             steps. Default: ``50``.
+
+    Example:
+        >>> from masked_diffusion import TrainerConfig
+        >>> TrainerConfig(epochs=5, lr=3e-4, ema_decay=0.999).lr
+        0.0003
     """
 
     output_dir: str = "runs/default"
@@ -475,6 +504,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: On an unknown key, an invalid value or a malformed override.
+
+    Example:
+        >>> import tempfile
+        >>> from masked_diffusion import ExperimentConfig, load_config, save_config
+        >>> path = Path(tempfile.mkdtemp()) / "config.yaml"
+        >>> save_config(ExperimentConfig(), path)
+        >>> load_config(path, ["trainer.epochs=2"]).trainer.epochs
+        2
     """
     path = Path(path)
     if not path.is_file():
@@ -489,7 +526,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    """Return ``config`` with ``"section.key=value"`` overrides applied and checked."""
+    """Return ``config`` with ``"section.key=value"`` overrides applied and checked.
+
+    Example:
+        >>> from masked_diffusion import ExperimentConfig, apply_overrides
+        >>> config = apply_overrides(ExperimentConfig(), ["model.channel_mults=[1, 2]"])
+        >>> config.model.channel_mults
+        (1, 2)
+    """
     return ExperimentConfig.from_dict(_merge_overrides(config.to_dict(), overrides))
 
 
@@ -512,7 +556,16 @@ def _merge_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML to ``path``, creating parent folders."""
+    """Write ``config`` as YAML to ``path``, creating parent folders.
+
+    Example:
+        >>> import tempfile
+        >>> from masked_diffusion import ExperimentConfig, load_config, save_config
+        >>> path = Path(tempfile.mkdtemp()) / "run" / "config.yaml"
+        >>> save_config(ExperimentConfig(), path)
+        >>> load_config(path) == ExperimentConfig()
+        True
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
