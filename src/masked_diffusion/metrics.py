@@ -145,6 +145,16 @@ class SampleQuality:
             generated images, in [0, ln 10].
         num_generated: Number of generated images.
         num_reference: Number of reference images.
+
+    Example:
+        >>> from masked_diffusion import load_dataset, sample_quality
+        >>> heldout = load_dataset("mnist-sample", "heldout").images
+        >>> quality = sample_quality(heldout[:250], heldout[250:])
+        >>> quality.num_generated, quality.num_reference
+        (250, 250)
+        >>> sorted(quality.to_dict())  # doctest: +NORMALIZE_WHITESPACE
+        ['class_entropy', 'frechet_digit_distance', 'mean_confidence', 'num_generated',
+         'num_reference']
     """
 
     frechet_digit_distance: float
