@@ -1,0 +1,1 @@
+"""Benchmarks of masked-diffusion: training speed, sampling speed and quality."""

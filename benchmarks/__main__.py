@@ -1,0 +1,5 @@
+"""Run the benchmarks: ``python -m benchmarks --output benchmarks/results``."""
+
+from benchmarks.run import main
+
+main()
