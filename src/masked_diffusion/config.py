@@ -250,7 +250,9 @@ class TrainerConfig:
             and ``metrics.jsonl``. Default: ``"runs/default"``.
         epochs: Number of passes over the training set. Default: ``10``.
         max_steps: Stop after this many optimizer steps even if epochs remain;
-            ``None`` for no limit. Default: ``None``.
+            ``None`` for no limit. A stop inside an epoch writes ``last.pt`` (so
+            ``--resume`` continues exactly) but runs no validation, so it writes no
+            ``best.pt`` for that partial epoch. Default: ``None``.
         lr: Peak AdamW learning rate. Default: ``1e-3``.
         weight_decay: AdamW weight decay. Default: ``0.0``.
         betas: AdamW ``(beta1, beta2)``. Default: ``(0.9, 0.999)``.

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from masked_diffusion import distributed
 from masked_diffusion._version import __version__
