@@ -3,9 +3,12 @@
 The wheel is built from the sdist (``python -m build`` without a target), so a file
 missing from the sdist also breaks the wheel. Both builds run with
 ``--no-isolation``, using the build backend of the current environment, so no network
-access is needed. The wheel is then installed with ``pip --target`` into a temporary
-folder, which is put first on ``PYTHONPATH``. The tests check that Python imports the
-package from that folder and not from the development checkout.
+access is needed. The wheel is then installed into a fresh virtual environment. That
+environment reaches the heavy dependencies (torch, torchvision, numpy) of the test
+environment through a ``.pth`` line naming its site-packages folder; ``.pth`` files
+inside a folder added that way are not processed, so the editable install of the
+development checkout stays invisible. The tests check that Python imports the package
+from the new environment and that its console script runs.
 """
 
 from __future__ import annotations
@@ -77,31 +80,49 @@ def sdist(dist_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def install_dir(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("site")
+def venv_dir(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("venv")
+    created = subprocess.run(
+        [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300
+    )
+    assert created.returncode == 0, f"python -m venv failed:\n{created.stderr}"
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    dependencies = Path(torch_site_packages())
+    (Path(purelib) / "test_dependencies.pth").write_text(f"{dependencies}\n")
+
     command = [
-        sys.executable,
+        str(python),
         "-m",
         "pip",
         "install",
         "--no-deps",
         "--no-index",
         "--disable-pip-version-check",
-        "--target",
-        str(target),
         str(wheel),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, f"pip install of the wheel failed:\n{completed.stderr}"
-    return target
+    return venv
 
 
-def _run_installed(
-    install_dir: Path, args: list[str], cwd: Path
-) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` with the installed wheel first on the import path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(install_dir)
+def torch_site_packages() -> str:
+    """The site-packages folder that holds torch in the test environment."""
+    import torch
+
+    return str(Path(torch.__file__).resolve().parents[1])
+
+
+def _run_installed(venv: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in the fresh environment, with no PYTHONPATH from the caller."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -141,38 +162,37 @@ def test_sdist_excludes_build_outputs(sdist: Path) -> None:
     assert not stray, f"{sdist.name} contains build outputs: {stray[:5]}"
 
 
-def test_installed_wheel_imported(install_dir: Path, tmp_path: Path) -> None:
+def test_installed_wheel_imported(venv_dir: Path, tmp_path: Path) -> None:
     code = "import masked_diffusion; print(masked_diffusion.__file__)"
-    completed = _run_installed(install_dir, [sys.executable, "-c", code], tmp_path)
+    completed = _run_installed(venv_dir, [str(venv_dir / "bin" / "python"), "-c", code], tmp_path)
     assert completed.returncode == 0, completed.stderr
     location = Path(completed.stdout.strip()).resolve()
-    assert install_dir.resolve() in location.parents, (
-        f"masked_diffusion was imported from {location}, not from the installed wheel in "
-        f"{install_dir}"
+    assert venv_dir.resolve() in location.parents, (
+        f"masked_diffusion was imported from {location}, not from the wheel installed in {venv_dir}"
     )
 
 
-def test_installed_wheel_loads_bundled_data(install_dir: Path, tmp_path: Path) -> None:
+def test_installed_wheel_loads_bundled_data(venv_dir: Path, tmp_path: Path) -> None:
     code = (
         "from masked_diffusion import load_dataset; "
         "print(len(load_dataset('mnist-sample', 'train')), "
         "len(load_dataset('mnist-sample', 'heldout')))"
     )
-    completed = _run_installed(install_dir, [sys.executable, "-c", code], tmp_path)
+    completed = _run_installed(venv_dir, [str(venv_dir / "bin" / "python"), "-c", code], tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.split() == ["4500", "500"]
 
 
-def test_installed_console_script_help(install_dir: Path, tmp_path: Path) -> None:
-    script = install_dir / "bin" / "masked-diffusion"
-    assert script.is_file(), f"pip --target did not install the console script at {script}"
-    completed = _run_installed(install_dir, [str(script), "--help"], tmp_path)
+def test_installed_console_script_help(venv_dir: Path, tmp_path: Path) -> None:
+    script = venv_dir / "bin" / "masked-diffusion"
+    assert script.is_file(), f"pip did not install the console script at {script}"
+    completed = _run_installed(venv_dir, [str(script), "--help"], tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "usage: masked-diffusion" in completed.stdout
 
 
-def test_installed_module_entry_point_help(install_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "masked_diffusion", "--help"]
-    completed = _run_installed(install_dir, command, tmp_path)
+def test_installed_module_entry_point_help(venv_dir: Path, tmp_path: Path) -> None:
+    command = [str(venv_dir / "bin" / "python"), "-m", "masked_diffusion", "--help"]
+    completed = _run_installed(venv_dir, command, tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "usage: masked-diffusion" in completed.stdout
