@@ -284,8 +284,8 @@ def test_confidence_reveal_counts(toy: ToyDistribution, schedule: str, steps: in
 
 
 def test_confidence_decodes_most_confident(toy: ToyDistribution) -> None:
-    # With temperature 0 the first step reveals the pixel whose marginal is most
-    # peaked, set to its most likely value.
+    # With temperature 0 and no confidence noise the first step reveals the pixel
+    # whose marginal is most peaked, set to its most likely value.
     model = make_model(Oracle(toy), toy)
     result = model.sample(
         2,
@@ -294,6 +294,7 @@ def test_confidence_decodes_most_confident(toy: ToyDistribution) -> None:
         temperature=0.0,
         return_trajectory=True,
         confidence_schedule="linear",
+        confidence_noise=0.0,
     )
     assert result.trajectory is not None
     first = result.trajectory[1][0].reshape(-1)
@@ -444,3 +445,29 @@ def test_impute_invalid_completions(toy: ToyDistribution) -> None:
     obs = torch.ones(1, 1, 2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"invalid num_completions=0: expected a positive integer"):
         model.impute(toy.images[:1], obs, num_completions=0)
+
+
+def test_confidence_noise_changes_order(toy: ToyDistribution) -> None:
+    # The annealed noise makes the reveal order random: with it, the first pixel
+    # revealed is not always the most peaked one.
+    model = make_model(Oracle(toy), toy)
+    generator = torch.Generator().manual_seed(0)
+    result = model.sample(
+        200,
+        sampler="confidence",
+        steps=6,
+        temperature=0.0,
+        return_trajectory=True,
+        confidence_schedule="linear",
+        confidence_noise=4.5,
+        generator=generator,
+    )
+    assert result.trajectory is not None
+    first_revealed = (result.trajectory[1] != toy.mask_index).reshape(200, -1).float().argmax(1)
+    assert len(set(first_revealed.tolist())) > 1
+
+
+def test_confidence_noise_rejects_negative(toy: ToyDistribution) -> None:
+    model = make_model(Oracle(toy), toy)
+    with pytest.raises(ValueError, match=r"invalid confidence_noise=-1.0: expected a number >= 0"):
+        model.sample(2, sampler="confidence", confidence_noise=-1.0)

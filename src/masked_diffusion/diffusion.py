@@ -576,6 +576,7 @@ class MaskedDiffusionModel(nn.Module):
         return_trajectory: bool = ...,
         pixels_per_event: int = ...,
         confidence_schedule: str = ...,
+        confidence_noise: float = ...,
     ) -> Tensor: ...
 
     @overload
@@ -592,6 +593,7 @@ class MaskedDiffusionModel(nn.Module):
         return_trajectory: bool = ...,
         pixels_per_event: int = ...,
         confidence_schedule: str = ...,
+        confidence_noise: float = ...,
     ) -> SamplingResult: ...
 
     def sample(
@@ -607,6 +609,7 @@ class MaskedDiffusionModel(nn.Module):
         return_trajectory: bool = False,
         pixels_per_event: int = 1,
         confidence_schedule: str = "cosine",
+        confidence_noise: float = 4.5,
     ) -> Tensor | SamplingResult:
         """Generate images by running a reverse-process sampler from all-MASK.
 
@@ -629,6 +632,9 @@ class MaskedDiffusionModel(nn.Module):
                 Default: ``1``.
             confidence_schedule: ``"cosine"`` or ``"linear"`` for ``confidence``.
                 Default: ``"cosine"``.
+            confidence_noise: Scale of the annealed Gumbel noise on the
+                ``confidence`` sampler's scores (MaskGIT's choice temperature); ``0``
+                reveals strictly the most confident pixels first. Default: ``4.5``.
 
         Returns:
             ``torch.long`` samples ``(N, C, height, width)`` in ``{0, ..., K-1}``, or
@@ -654,6 +660,7 @@ class MaskedDiffusionModel(nn.Module):
             return_trajectory,
             pixels_per_event,
             confidence_schedule,
+            confidence_noise,
         )
         if return_info or return_trajectory:
             return result
@@ -671,6 +678,7 @@ class MaskedDiffusionModel(nn.Module):
         generator: torch.Generator | None = None,
         pixels_per_event: int = 1,
         confidence_schedule: str = "cosine",
+        confidence_noise: float = 4.5,
     ) -> Tensor:
         """Complete partially observed images; observed pixels are never changed.
 
@@ -684,8 +692,9 @@ class MaskedDiffusionModel(nn.Module):
                 missing pixels are ignored.
             obs_mask: ``torch.bool`` like ``x0``, ``True`` where observed.
             num_completions: Completions per image ``S``. Default: ``1``.
-            sampler, steps, temperature, generator, pixels_per_event, confidence_schedule: As
-                in :meth:`sample`; ``temperature=0`` gives the MAP-style (argmax)
+            sampler: As in :meth:`sample`, and so are ``steps``, ``temperature``,
+                ``generator``, ``pixels_per_event``, ``confidence_schedule`` and
+                ``confidence_noise``; ``temperature=0`` gives the MAP-style (argmax)
                 completion.
 
         Returns:
@@ -715,6 +724,7 @@ class MaskedDiffusionModel(nn.Module):
             False,
             pixels_per_event,
             confidence_schedule,
+            confidence_noise,
         )
         return result.samples.view(batch, num_completions, *self.image_shape)
 
@@ -757,7 +767,9 @@ class MaskedDiffusionModel(nn.Module):
             if method == "argmax":
                 best = self.logits(xt, times).argmax(dim=-1)
                 return xt, torch.where(xt == self.mask_index, best, xt)
-        result = self._run(xt, times, sampler, steps, temperature, generator, False, 1, "cosine")
+        result = self._run(
+            xt, times, sampler, steps, temperature, generator, False, 1, "cosine", 4.5
+        )
         return xt, result.samples
 
     def _run(
@@ -771,6 +783,7 @@ class MaskedDiffusionModel(nn.Module):
         return_trajectory: bool,
         pixels_per_event: int,
         confidence_schedule: str,
+        confidence_noise: float,
     ) -> SamplingResult:
         sampler = sampler if sampler is not None else self.sampler
         if sampler not in SAMPLER_NAMES:
@@ -790,6 +803,7 @@ class MaskedDiffusionModel(nn.Module):
                 return_trajectory=return_trajectory,
                 pixels_per_event=pixels_per_event,
                 confidence_schedule=confidence_schedule,
+                confidence_noise=confidence_noise,
             )
 
     @contextlib.contextmanager

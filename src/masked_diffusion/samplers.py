@@ -102,10 +102,16 @@ def sample_categorical(
     logits = logits.to(torch.float64)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    u = uniform(logits.shape, generator, logits.device)
-    # Gumbel noise -log(-log u); u = 0 would give -inf, so clamp to the smallest normal.
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-    return (logits / temperature + gumbel).argmax(dim=-1)
+    return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
+
+
+def _gumbel(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Standard Gumbel noise ``-log(-log u)`` in float64."""
+    u = uniform(shape, generator, device)
+    # u = 0 would give -inf, so clamp to the smallest normal float64.
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
 
 
 class _CachedDenoiser:
@@ -122,7 +128,7 @@ class _CachedDenoiser:
 
     def __call__(self, xt: Tensor, t: Tensor) -> Tensor:
         if self.uses_time or self.cache is None or self.cached_state is None:
-            logits = self.logits_fn(xt, t).to(torch.float64)
+            logits = self.logits_fn(xt, t)
             self.num_function_evals += 1
             self.num_image_evals += xt.shape[0]
         else:
@@ -130,15 +136,16 @@ class _CachedDenoiser:
             # NOTE: nonzero() synchronises with the device once per step; it is what
             # lets unchanged images skip the network.
             rows = changed.nonzero().squeeze(1)
+            # Samplers read the logits only within a step, so updating in place is safe.
             logits = self.cache
             if rows.numel() > 0:
-                logits = logits.clone()
-                logits[rows] = self.logits_fn(xt[rows], t[rows]).to(torch.float64)
+                logits[rows] = self.logits_fn(xt[rows], t[rows])
                 self.num_function_evals += 1
                 self.num_image_evals += int(rows.numel())
         if not self.uses_time:
             self.cache = logits
-            self.cached_state = xt.clone()
+            # Samplers build each new state with torch.where and never write into xt.
+            self.cached_state = xt
         return logits
 
 
@@ -157,6 +164,7 @@ def run_sampler(
     return_trajectory: bool = False,
     pixels_per_event: int = 1,
     confidence_schedule: str = "cosine",
+    confidence_noise: float = 4.5,
 ) -> SamplingResult:
     """Decode the masked pixels of ``xt`` from times ``t_start`` down to ``t = 0``.
 
@@ -178,13 +186,17 @@ def run_sampler(
             (exact).
         confidence_schedule: ``"cosine"`` or ``"linear"`` share of pixels still
             masked after each confidence step. Default: ``"cosine"``.
+        confidence_noise: Scale of the Gumbel noise added to the confidence scores,
+            annealed linearly to 0 at the last step, as MaskGIT's choice temperature.
+            Without it the most confident pixels of binarized digits are background,
+            which is revealed first and leaves blank images. Default: ``4.5``.
 
     Returns:
         A :class:`SamplingResult`.
 
     Raises:
-        ValueError: On an unknown sampler or confidence schedule, or a non-positive
-            ``steps`` or ``pixels_per_event``.
+        ValueError: On an unknown sampler or confidence schedule, a non-positive
+            ``steps`` or ``pixels_per_event``, or a negative ``confidence_noise``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"invalid sampler={sampler!r}: expected one of {list(SAMPLERS)}")
@@ -199,6 +211,8 @@ def run_sampler(
         )
     if temperature < 0:
         raise ValueError(f"invalid temperature={temperature}: expected a number >= 0")
+    if confidence_noise < 0:
+        raise ValueError(f"invalid confidence_noise={confidence_noise}: expected a number >= 0")
 
     trajectory: list[Tensor] | None = [xt.cpu().clone()] if return_trajectory else None
     if xt.shape[0] == 0:
@@ -224,6 +238,7 @@ def run_sampler(
             temperature,
             generator,
             confidence_schedule,
+            confidence_noise,
             trajectory,
         )
     return SamplingResult(state, denoiser.num_function_evals, denoiser.num_image_evals, trajectory)
@@ -326,6 +341,7 @@ def _confidence(
     temperature: float,
     generator: torch.Generator | None,
     count_schedule: str,
+    noise_scale: float,
     trajectory: list[Tensor] | None,
 ) -> Tensor:
     mask_index = denoiser.mask_index
@@ -349,8 +365,11 @@ def _confidence(
         t = schedule.time_from_mask_prob(masked.sum(dim=1).to(torch.float64) / num_pixels)
         logits = denoiser(xt, schedule.snap_to_grid(t).float())
         draws = sample_categorical(logits, temperature, generator)
-        log_probs = torch.log_softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)
         confidence = log_probs.gather(-1, draws.unsqueeze(-1)).squeeze(-1).reshape(batch, -1)
+        if noise_scale > 0 and step < steps:
+            noise = _gumbel(confidence.shape, generator, confidence.device)
+            confidence = confidence + noise_scale * (1.0 - ratio) * noise
         confidence = torch.where(masked, confidence, -math.inf)
         chosen = (_ranks_descending(confidence) < reveal[:, None]) & masked
         xt = torch.where(chosen.reshape(xt.shape), draws, xt)
