@@ -643,6 +643,21 @@ def test_ema_differs_from_raw(tmp_path: Path, images: torch.Tensor) -> None:
     assert any(not torch.equal(ema[name], raw[name]) for name in raw)
 
 
+def test_ema_warmup_tracks_short_runs(tmp_path: Path, images: torch.Tensor) -> None:
+    """After 4 steps at decay 0.999 the average is near the trained, not the initial, weights."""
+    run_dir = tmp_path / "run"
+    trainer = _trainer(_config(run_dir, epochs=1, ema_decay=0.999), images)
+    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    raw = state["model"]
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    to_raw = sum(float((ema[k].float() - raw[k].float()).norm()) for k in raw)
+    initial_to_raw = sum(float((initial[k].float() - raw[k].float()).norm()) for k in raw)
+    assert to_raw < 0.5 * initial_to_raw, (to_raw, initial_to_raw)
+
+
 def test_load_model_uses_ema(tmp_path: Path, images: torch.Tensor) -> None:
     run_dir = tmp_path / "run"
     _trainer(_config(run_dir, epochs=1), images).fit()

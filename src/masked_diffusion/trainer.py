@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from masked_diffusion import distributed
@@ -384,6 +384,31 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 _PICTURE_SCALE = 3
 
 
+_TensorList = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def _ema_with_warmup(
+    decay: float,
+) -> Callable[[_TensorList, _TensorList, torch.Tensor | int], None]:
+    """EMA update whose decay grows as ``min(decay, (1 + n) / (10 + n))`` with the count n.
+
+    A fixed decay of 0.995 leaves 0.995**72 = 70 % of the initial random weights in the
+    average after 72 steps, so short runs would validate and sample a mostly untrained
+    network. The warmup weights early steps more, as in TensorFlow's
+    ExponentialMovingAverage with ``num_updates``.
+    """
+
+    @torch.no_grad()
+    def update(
+        averaged: _TensorList, current: _TensorList, num_averaged: torch.Tensor | int
+    ) -> None:
+        count = float(num_averaged)
+        step_decay = min(decay, (1.0 + count) / (10.0 + count))
+        torch._foreach_lerp_(list(averaged), list(current), 1.0 - step_decay)
+
+    return update
+
+
 def _epoch_name(epoch_number: int) -> str:
     return f"epoch_{epoch_number:03d}"
 
@@ -654,10 +679,7 @@ class _Run:
             self.model.network.to(memory_format=torch.channels_last)
         self.ema: AveragedModel | None = None
         if self.tc.ema_decay is not None:
-            self.ema = AveragedModel(
-                self.model,
-                multi_avg_fn=get_ema_multi_avg_fn(self.tc.ema_decay),  # type: ignore[no-untyped-call]
-            )
+            self.ema = AveragedModel(self.model, multi_avg_fn=_ema_with_warmup(self.tc.ema_decay))
         if self.tc.compile:
             # Module.compile keeps parameter names, so checkpoints stay loadable
             # without torch.compile.
@@ -1047,7 +1069,7 @@ class _Run:
         if (
             self.is_main
             and self.tc.num_sample_images > 0
-            and epoch_number % self.tc.sample_every_epochs == 0
+            and (epoch_number % self.tc.sample_every_epochs == 0 or epoch_number == self.tc.epochs)
         ):
             self._write_pictures(eval_model, epoch_number)
         distributed.barrier(self.context)
@@ -1243,7 +1265,13 @@ class _Run:
     def _write_loss_curve(self) -> None:
         from masked_diffusion.images import save_loss_curve
 
-        records = [r for r in self.metrics_log.records if r.get("kind") in ("train", "epoch")]
+        records: list[dict[str, Any]] = []
+        for record in self.metrics_log.records:
+            if record.get("kind") == "train":
+                records.append(record)
+            elif record.get("kind") == "epoch":
+                # An epoch's mean train_loss on the 10-step curve would draw false jumps.
+                records.append({k: v for k, v in record.items() if k != "train_loss"})
         if not records:
             return
         try:
