@@ -113,7 +113,7 @@ def venv_dir(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def torch_site_packages() -> str:
-    """The site-packages folder that holds torch in the test environment."""
+    """The site-packages folder that contains torch in the test environment."""
     import torch
 
     return str(Path(torch.__file__).resolve().parents[1])

@@ -430,10 +430,10 @@ class MaskedDiffusionModel(nn.Module):
         Continuous time: ``integral_0^1 w(t) E_q[sum_{masked j} -log p(x0_j | xt)] dt``.
         Discrete time with ``T`` steps: ``sum_i (alpha_s - alpha_t) / (1 - alpha_t)
         E_q[sum_{masked j} -log p(x0_j | xt)]`` with ``s = (i-1)/T``, ``t = i/T``. For one
-        image it can be below the continuous bound (with ``T = 1`` and the exact
-        conditionals it is ``sum_j -log p(x_j)``, below ``-log p(x)`` for an image whose
-        pixels are jointly rarer than independent pixels would be); with the exact
-        conditionals its mean over the data is at least the entropy.
+        image it can be below the continuous bound. With ``T = 1`` and the exact
+        conditionals it is ``sum_j -log p(x_j)``, which is below ``-log p(x)`` for an
+        image whose pixels are jointly rarer than independent pixels would be. With the
+        exact conditionals its mean over the data is at least the entropy.
 
         Two unbiased Monte Carlo estimators of the same bound:
 
@@ -750,7 +750,7 @@ class MaskedDiffusionModel(nn.Module):
             sampler, steps, temperature, generator: As in :meth:`sample`.
 
         Returns:
-            ``(xt, reconstruction)``, both ``torch.long`` like ``x0``; ``xt`` holds MASK.
+            ``(xt, reconstruction)``, both ``torch.long`` like ``x0``; ``xt`` contains MASK.
 
         Raises:
             ValueError: On an invalid ``method`` or ``t`` outside ``[0, 1]``.
