@@ -157,8 +157,8 @@ class ModelConfig:
         num_groups: Groups of each GroupNorm; must divide every channel count.
             Default: ``8``.
         time_conditioning: Feed ``t`` to the network through a sinusoidal
-            embedding; ``False`` gives a network that ignores ``t``, whose outputs
-            samplers reuse across steps in which no pixel changed. Default: ``True``.
+            embedding. With ``False`` the network ignores ``t``, so samplers reuse its
+            outputs across steps in which no pixel changed. Default: ``True``.
 
     Example:
         >>> from masked_diffusion import ModelConfig

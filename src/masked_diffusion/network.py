@@ -7,8 +7,8 @@ conditions every residual block. Output: logits over the ``K`` clean values,
 ``(batch, K, height, width)`` for one image channel and ``(batch, K, C, height, width)``
 otherwise. The network never predicts MASK.
 
-Each entry of ``channel_mults`` is one resolution level; every level after the first
-halves the height and width with a stride-2 convolution, and the decoder mirrors the
+Each entry of ``channel_mults`` is one resolution level. Every level after the first
+halves the height and width with a stride-2 convolution. The decoder mirrors the
 encoder with skip connections, so every downsampled size must be even.
 """
 
@@ -38,7 +38,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     Args:
         t: Times, shape ``(batch,)``.
         dim: Embedding size (even).
-        max_period: Longest period, in units of ``1000 t``. Default: ``10000``.
+        max_period: Maximum period, in units of ``1000 t``. Default: ``10000``.
 
     Returns:
         Float32 tensor ``(batch, dim)``.

@@ -3,7 +3,7 @@
 Every sampler starts from a partially or fully masked state ``xt`` (``torch.long``,
 ``(batch, C, height, width)``, MASK = ``K``) at per-image times ``t_start`` and
 decodes it to ``t = 0``. Only masked pixels are ever written, so a decoded pixel never
-changes and the result holds no MASK. Categorical draws use the Gumbel-max trick in
+changes and the result contains no MASK. Categorical draws use the Gumbel-max trick in
 float64: a category of probability 0 (logit ``-inf``) is never drawn, and float32
 noise, which measurably lowers sample diversity, is avoided.
 

@@ -1,7 +1,7 @@
 """Masking schedules ``alpha_t`` of the absorbing-state forward process.
 
 ``alpha_t`` is the probability that a pixel is still unmasked at time ``t`` in
-``[0, 1]``; ``t = 0`` is the clean image and ``t = 1`` the fully masked one, with
+``[0, 1]``. ``t = 0`` is the clean image and ``t = 1`` the fully masked one, with
 ``alpha_0 = 1`` and ``alpha_1 = 0`` exactly. Three families are provided:
 
 - linear: ``alpha_t = 1 - t``
